@@ -1,0 +1,212 @@
+"""Fine-tuning with the Hugging Face `Trainer`: data splits → model → transforms → train → saved model folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from bonevision.arguments import DataArguments, ModelArguments, RunArguments
+from bonevision.metrics import classification_metrics, multiclass_metrics, regression_metrics
+from bonevision.models import (
+    build_image_processor,
+    build_model,
+    fold_target_scale,
+    get_backbone,
+    load_pretrained_image_processor,
+)
+from bonevision.tasks import Task, get_task, label_names, load_task_dataset, raw_targets
+from bonevision.transforms import RadiographEvalPreset, collate_tensors, make_batch_transform, train_preset_for
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished training run leaves behind for evaluation."""
+
+    model_dir: Path
+    task: Task
+    dataset: datasets.DatasetDict
+    trainer: Trainer
+
+
+def resolve_precision(requested: str, training_args: TrainingArguments) -> str:
+    """Set `bf16`/`fp16` on `training_args` from the requested precision and the device, and return the choice.
+
+    bf16 runs on CUDA devices that support it and on CPUs with native bf16; fp16 only on CUDA. A request the device
+    cannot honour is downgraded with a warning, never silently ignored.
+    """
+    on_cuda = torch.cuda.is_available() and not training_args.use_cpu
+    if on_cuda:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    else:
+        bf16_supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    if requested == "auto":
+        choice = "bf16" if bf16_supported else ("fp16" if on_cuda else "fp32")
+    elif requested == "fp16" and not on_cuda:
+        choice = "bf16" if bf16_supported else "fp32"
+        logger.warning("fp16 mixed precision needs a CUDA device; using %s on this CPU instead", choice)
+    elif requested == "bf16" and not bf16_supported:
+        choice = "fp16" if on_cuda else "fp32"
+        logger.warning("this device does not support bf16; using %s instead", choice)
+    else:
+        choice = requested
+
+    if training_args.fp16 or training_args.bf16:
+        logger.warning("fp16/bf16 flags are replaced by the precision policy (precision=%s -> %s)", requested, choice)
+    training_args.bf16 = choice == "bf16"
+    training_args.fp16 = choice == "fp16"
+    logger.info("Training precision: %s", choice)
+    return choice
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> str | None:
+    """Return the checkpoint to resume from, or refuse to train over an earlier run's results."""
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume:
+        if last_checkpoint is None:
+            raise FileNotFoundError(f"--resume was given but {output_dir} holds no checkpoint-* folder")
+        logger.info("Resuming from %s", Path(last_checkpoint).name)
+        return last_checkpoint
+    if last_checkpoint is not None or (output_dir / MODEL_SUBDIR).exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a training run; pass --resume to continue it or choose another --output_dir"
+        )
+    return None
+
+
+def build_compute_metrics(task: Task, target_mean: float, target_std: float):
+    """The `compute_metrics` used for model selection during training (point estimates, no bootstrap)."""
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits = np.asarray(prediction.predictions, dtype=np.float64)
+        labels = np.asarray(prediction.label_ids)
+        if task.is_regression:
+            predicted_months = logits.reshape(-1) * target_std + target_mean
+            true_months = labels.reshape(-1) * target_std + target_mean
+            return regression_metrics(true_months, predicted_months)
+        probabilities = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        if task.name == "fracture":
+            return classification_metrics(labels.astype(np.int64), probabilities, positive_label=0)
+        return multiclass_metrics(labels.astype(np.int64), probabilities)
+
+    return compute_metrics
+
+
+def class_weighted_loss(weights: torch.Tensor):
+    """A `compute_loss_func` for `Trainer`: cross-entropy weighted by inverse class frequency."""
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        return torch.nn.functional.cross_entropy(logits, labels, weight=weights.to(logits.device))
+
+    return compute_loss
+
+
+def select_rows(dataset: datasets.Dataset, limit: int | None, seed: int = 42) -> datasets.Dataset:
+    """A seeded random subset of `limit` rows (splits are sorted by class, so the first rows would be one class)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit)).flatten_indices()
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments,
+          training_args: TrainingArguments) -> TrainingOutcome:
+    """Fine-tune `model_args.backbone` on `data_args.task` and save the best model to `<output_dir>/model`."""
+    output_dir = Path(training_args.output_dir)
+    resume_checkpoint = check_output_dir(output_dir, run_args.resume)
+    set_seed(training_args.seed)
+    resolve_precision(run_args.precision, training_args)
+    training_args.remove_unused_columns = False  # the transform needs the raw `image` column
+    training_args.dataloader_pin_memory = training_args.dataloader_pin_memory and torch.cuda.is_available()
+
+    task = get_task(data_args.task)
+    if data_args.data_dir is None:
+        raise ValueError("no data folder given: pass --data_dir pointing at the Kaggle download (folder or .zip)")
+    dataset = load_task_dataset(task, data_args.data_dir, strict=data_args.strict,
+                                validation_fraction=data_args.validation_fraction,
+                                validation_labels_csv=data_args.validation_labels_csv,
+                                seed=training_args.seed, cache_dir=data_args.dataset_cache_dir)
+    if "validation" not in dataset:
+        raise ValueError(f"{data_args.data_dir} has no validation split; the task needs one for model selection")
+    train_dataset = select_rows(dataset["train"], data_args.max_train_samples, training_args.seed)
+    eval_dataset = select_rows(dataset["validation"], data_args.max_eval_samples, training_args.seed)
+
+    names = label_names(task, dataset["train"])
+    id2label = dict(enumerate(names))
+    targets = raw_targets(task, train_dataset)
+    target_mean, target_std = (float(targets.mean()), float(targets.std()) or 1.0) if task.is_regression else (0.0, 1.0)
+
+    backbone = get_backbone(model_args.backbone)
+    extra_config = {"bonevision_task": task.name, "bonevision_backbone": backbone.name}
+    if task.is_regression:
+        extra_config.update(target_mean=target_mean, target_std=target_std, target_unit="months")
+    model = build_model(backbone, num_labels=len(names), id2label=id2label, problem_type=task.problem_type,
+                        from_scratch=model_args.from_scratch, image_size=model_args.image_size,
+                        checkpoint=model_args.checkpoint, extra_config=extra_config)
+    if model_args.from_scratch:
+        image_processor = build_image_processor(backbone, image_size=model_args.image_size)
+    else:
+        image_processor = load_pretrained_image_processor(backbone, model_args.checkpoint or backbone.checkpoint)
+
+    train_preset = train_preset_for(image_processor, hflip=run_args.augment_hflip)
+    eval_preset = RadiographEvalPreset(image_processor)
+    image_cells = datasets.Image(decode=False)
+    train_dataset = train_dataset.cast_column("image", image_cells)
+    eval_dataset = eval_dataset.cast_column("image", image_cells)
+    train_dataset.set_transform(make_batch_transform(task, train_preset, target_mean=target_mean,
+                                                     target_std=target_std))
+    eval_dataset.set_transform(make_batch_transform(task, eval_preset, target_mean=target_mean,
+                                                    target_std=target_std, batched_preset=True))
+
+    configure_model_selection(task, run_args, training_args)
+    callbacks = []
+    if run_args.early_stopping_patience is not None and training_args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
+
+    loss_function = None
+    if run_args.class_weighted_loss and not task.is_regression:
+        counts = np.bincount(targets, minlength=len(names)).astype(np.float64)
+        weights = counts.sum() / (len(names) * np.maximum(counts, 1.0))
+        logger.info("Class weights: %s", dict(zip(names, np.round(weights, 3).tolist())))
+        loss_function = class_weighted_loss(torch.tensor(weights, dtype=torch.float32))
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=collate_tensors, processing_class=image_processor,
+                      compute_metrics=build_compute_metrics(task, target_mean, target_std),
+                      compute_loss_func=loss_function, callbacks=callbacks)
+    logger.info("Training %s on %d images, validating on %d", backbone.name, len(train_dataset), len(eval_dataset))
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+
+    model_dir = output_dir / MODEL_SUBDIR
+    if task.is_regression:
+        fold_target_scale(trainer.model)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(model_dir)
+        image_processor.save_pretrained(model_dir)
+        logger.info("Saved the model to %s", model_dir)
+    trainer.accelerator.wait_for_everyone()
+    return TrainingOutcome(model_dir=model_dir, task=task, dataset=dataset, trainer=trainer)
+
+
+def configure_model_selection(task: Task, run_args: RunArguments, training_args: TrainingArguments) -> None:
+    """Select the best checkpoint on the task's validation metric (AUROC, MAE or accuracy)."""
+    if training_args.eval_strategy == "no":
+        logger.warning("eval_strategy is 'no': no model selection or early stopping; the last weights are saved")
+        training_args.load_best_model_at_end = False
+        return
+    if training_args.metric_for_best_model in (None, "loss"):
+        training_args.metric_for_best_model = task.metric_for_best_model
+        training_args.greater_is_better = task.greater_is_better

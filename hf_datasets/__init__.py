@@ -1,0 +1,1 @@
+"""`datasets` builders for the two Kaggle bone radiograph downloads, one sub-package per dataset."""
