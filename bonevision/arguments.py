@@ -32,6 +32,9 @@ class ModelArguments:
                                         "format; defaults to the registry's checkpoint."})
     image_size: int | None = field(
         default=None, metadata={"help": "Input size in pixels; defaults to the backbone's pretrained input size."})
+    linear_probe: bool = field(
+        default=False, metadata={"help": "Train only the classification head and freeze the rest of the network, "
+                                         "batch-norm statistics included (a Keras backbone with trainable=False)."})
 
 
 @dataclass
@@ -49,6 +52,15 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder."})
+    preprocess_cache: bool = field(
+        default=True, metadata={"help": "Decode and resize every image once into an Arrow cache before training "
+                                        "instead of decoding full-size files at every step."})
+    cache_shorter_side: int | None = field(
+        default=None, metadata={"help": "Shorter side of cached images in pixels (>= the model input size); "
+                                        "defaults to input size x 256/224."})
+    cache_image_format: str = field(default="jpeg", metadata={"help": "jpeg (quality 95, faster to decode) or png (lossless)."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that build the cache (datasets' num_proc)."})
 
 
 @dataclass

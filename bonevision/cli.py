@@ -9,6 +9,8 @@ from pathlib import Path
 
 logger = logging.getLogger("bonevision")
 
+DATASET_TASKS = {"bone-fracture": "fracture", "rsna-bone-age": "bone-age"}
+
 
 def setup_logging(process_index: int = 0) -> None:
     """Log INFO on the main process and WARNING elsewhere, so multi-process runs print each line once."""
@@ -49,6 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=42, help="Split and bootstrap seed, as used in training.")
     evaluate.add_argument("--validation-labels-csv", default=None, help="Bone age: official validation labels CSV.")
 
+    prepare = commands.add_parser("prepare", help="Build the datasets and the preprocessed image cache that "
+                                                   "training reads (train does this itself when needed).")
+    prepare.add_argument("dataset", choices=sorted(DATASET_TASKS), help="Which Kaggle download DATA_DIR is.")
+    prepare.add_argument("data_dir", help="The Kaggle download: folder or .zip.")
+    prepare.add_argument("--backbone", default="vit-base", help="Backbone whose input size sets the default "
+                                                              "shorter side (default: vit-base).")
+    prepare.add_argument("--image-size", type=int, default=None, help="Model input size in pixels, as in train.")
+    prepare.add_argument("--shorter-side", type=int, default=None,
+                         help="Shorter side of cached images in pixels (default: input size x 256/224).")
+    prepare.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg", help="Cached image encoding.")
+    prepare.add_argument("--num-proc", type=int, default=None, help="Worker processes for the cache.")
+    prepare.add_argument("--cache-dir", default=None, help="`datasets` cache folder (default: HF_DATASETS_CACHE).")
+    prepare.add_argument("--validation-fraction", type=float, default=0.1, help="Bone age: as in train.")
+    prepare.add_argument("--seed", type=int, default=42, help="Bone age split seed: as in train.")
+
+    from bonevision.prediction import add_predict_arguments
+
+    add_predict_arguments(commands.add_parser(
+        "predict", help="Predict every image and DICOM file under the given paths into a CSV file."))
+
+    from bonevision.hub import add_push_arguments
+
+    add_push_arguments(commands.add_parser(
+        "push", help="Upload a run's model folder with its model card and evaluation to the Hugging Face Hub."))
+
     demo = commands.add_parser("demo", help="Train and evaluate a small model on bundled radiographs, offline.")
     demo.add_argument("--output-dir", "--output_dir", default=None,
                       help="Run folder (default: bonevision-demo/run-<time>).")
@@ -58,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> Path | None:
     from transformers import TrainingArguments
 
+    from bonevision.cache import CacheSettings, prepare_cache
     from bonevision.evaluation import evaluate_split, load_model_folder
     from bonevision.tasks import load_task_dataset
 
     model, image_processor, task = load_model_folder(args.model_dir)
     dataset = load_task_dataset(task, args.data_dir, validation_fraction=args.validation_fraction,
                                 validation_labels_csv=args.validation_labels_csv, seed=args.seed)
+    shorter_side = getattr(model.config, "preprocessing_shorter_side", None)
+    if shorter_side is not None:
+        dataset = prepare_cache(dataset, CacheSettings(shorter_side=shorter_side))
     if (args.output_dir / "metrics.json").exists():
         raise FileExistsError(f"{args.output_dir} already holds an evaluation; choose another --output-dir")
     training_args = TrainingArguments(output_dir=str(args.output_dir), per_device_eval_batch_size=args.batch_size,
@@ -71,6 +102,24 @@ def run_evaluate(args: argparse.Namespace) -> Path | None:
     details = {"model": args.model_dir.name, "data": Path(args.data_dir).name}
     return evaluate_split(model, image_processor, task, dataset, args.split, args.output_dir, training_args,
                           n_bootstrap=args.n_bootstrap, details=details)
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from bonevision.arguments import DataArguments
+    from bonevision.cache import CacheSettings, prepare_cache
+    from bonevision.models import get_backbone
+    from bonevision.tasks import get_task, load_task_dataset
+    from bonevision.training import preprocessing_shorter_side
+
+    input_size = args.image_size or get_backbone(args.backbone).input_size
+    shorter_side = preprocessing_shorter_side(DataArguments(cache_shorter_side=args.shorter_side), input_size)
+    task = get_task(DATASET_TASKS[args.dataset])
+    dataset = load_task_dataset(task, args.data_dir, validation_fraction=args.validation_fraction, seed=args.seed,
+                                cache_dir=args.cache_dir)
+    settings = CacheSettings(shorter_side=shorter_side, image_format=args.image_format)
+    prepared = prepare_cache(dataset, settings, num_proc=args.num_proc)
+    sizes = ", ".join(f"{split} {len(rows)}" for split, rows in prepared.items())
+    logger.info("Prepared %s: %s images, shorter side %d px", args.dataset, sizes, shorter_side)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         report = run_main(argv[1:])
     else:
         args = parser.parse_args(argv)
+        report = None
         if args.command == "evaluate":
             report = run_evaluate(args)
-        else:
+        elif args.command == "prepare":
+            run_prepare(args)
+        elif args.command == "push":
+            from bonevision.hub import run_push_command
+
+            run_push_command(args)
+        elif args.command == "predict":
+            from bonevision.prediction import run_predict_command
+
+            print(f"Predictions written to {run_predict_command(args)}")
+        elif args.command == "demo":
             from bonevision.demo import run_demo
 
             report = run_demo(args.output_dir)

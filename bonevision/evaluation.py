@@ -15,10 +15,12 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from bonevision.metrics import binary_predictions, confusion_matrix, evaluate_predictions
+from bonevision.models import normalise_label_maps
 from bonevision.plots import plot_bland_altman, plot_confusion_matrix, plot_predicted_vs_true, plot_roc_curve
 from bonevision.report import write_metrics_json, write_report_markdown
 from bonevision.tasks import Task, get_task, has_labels, raw_targets
-from bonevision.transforms import RadiographEvalPreset, collate_tensors, make_batch_transform
+from bonevision.presets import RadiographEvalPreset
+from bonevision.transforms import collate_tensors, make_batch_transform
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def load_model_folder(model_dir: str | Path):
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass the run's model/ folder")
     model = AutoModelForImageClassification.from_pretrained(model_dir)
+    normalise_label_maps(model.config)
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     task_name = getattr(model.config, "bonevision_task", None)
     if task_name is None:
@@ -53,8 +56,9 @@ def predict(model, image_processor, task: Task, dataset: datasets.Dataset, args:
     target_mean = float(getattr(model.config, "target_mean", 0.0))
     target_std = float(getattr(model.config, "target_std", 1.0))
     rows = dataset.cast_column("image", datasets.Image(decode=False))
+    shorter_side = getattr(model.config, "preprocessing_shorter_side", None)
     rows.set_transform(make_batch_transform(task, RadiographEvalPreset(image_processor), target_mean=target_mean,
-                                            target_std=target_std, batched_preset=True))
+                                            target_std=target_std, batched_preset=True, shorter_side=shorter_side))
     trainer = Trainer(model=model, args=prediction_arguments(args), data_collator=collate_tensors)
     output = trainer.predict(rows)
 

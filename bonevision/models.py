@@ -50,10 +50,6 @@ class Backbone:
     crop_pct: float = 0.875  # timm evaluation crop: resize the shorter side to input_size / crop_pct, then crop
     interpolation: str = "bicubic"
 
-    @property
-    def pretrained_available(self) -> bool:
-        return self.checkpoint is not None
-
 
 def _timm(name: str, architecture: str, checkpoint: str | None, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
           crop_pct: float = 0.875) -> Backbone:
@@ -95,8 +91,7 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {known}") from None
 
 
-def build_image_processor(backbone: Backbone, *, image_size: int | None = None,
-                          checkpoint: str | None = None):
+def build_image_processor(backbone: Backbone, *, image_size: int | None = None):
     """Build the image processor saved with the model, so inference prepares pixels exactly as evaluation did.
 
     Grayscale input is converted to three identical channels (`do_convert_rgb` for ViT; timm's transforms after the
@@ -145,6 +140,7 @@ def build_model(backbone: Backbone, *, num_labels: int, id2label: dict[int, str]
     else:
         model = _load_pretrained(backbone, source, common)
 
+    normalise_label_maps(model.config)
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
     logger.info("Built %s (%s, %.2f M parameters, %s)", backbone.name, type(model).__name__, num_parameters / 1e6,
                 "random weights" if from_scratch else f"pretrained from {source}")
@@ -192,6 +188,42 @@ def load_pretrained_image_processor(backbone: Backbone, source: str):
     if hasattr(processor, "do_convert_rgb"):
         processor.do_convert_rgb = True
     return processor
+
+
+def normalise_label_maps(config: Any) -> Any:
+    """Give `config.id2label` int keys 0..n-1 in order and `config.label2id` the matching int values.
+
+    Accepts a list of names or a dict with string keys, as found in hand-written or older configs. Order
+    matters for TimmWrapper, which saves `label_names` in the dict's iteration order. `id2label` is the source
+    of truth: a `label2id` with other names (stale defaults such as LABEL_0) is rebuilt, one that maps the same
+    names to other ids raises ValueError, as do gaps in the ids and repeated names. Returns `config`.
+    """
+    id2label = config.id2label
+    if isinstance(id2label, (list, tuple)):
+        id2label = dict(enumerate(id2label))
+    try:
+        id2label = {int(index): str(name) for index, name in id2label.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"id2label must map class ids to names, got {config.id2label!r}") from None
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"id2label must number the classes 0..{len(id2label) - 1}, got ids {sorted(id2label)}")
+    ordered = {index: id2label[index] for index in range(len(id2label))}
+    if len(set(ordered.values())) != len(ordered):
+        raise ValueError(f"id2label repeats a label name: {list(ordered.values())}")
+
+    label2id = {name: index for index, name in ordered.items()}
+    existing = getattr(config, "label2id", None) or {}
+    try:
+        existing = {str(name): int(index) for name, index in dict(existing).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"label2id must map names to class ids, got {config.label2id!r}") from None
+    if existing and set(existing) == set(label2id) and existing != label2id:
+        raise ValueError(f"label2id {existing} contradicts id2label {ordered}; fix one of them in config.json")
+    if existing and set(existing) != set(label2id):
+        logger.warning("Replacing label2id %s, whose names differ from id2label, by %s", existing, label2id)
+    config.id2label = ordered
+    config.label2id = label2id
+    return config
 
 
 def regression_head(model: PreTrainedModel) -> torch.nn.Linear:

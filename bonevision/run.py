@@ -29,6 +29,12 @@ def heldout_split(outcome_dataset, task) -> str:
 def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments,
                        training_args: TrainingArguments) -> Path | None:
     """Fine-tune, reload the saved folder, evaluate it on held-out data; return report.md (main process)."""
+    # bonevision pushes the finished run folder with its model card, not the Trainer's checkpoints.
+    push_requested = training_args.push_to_hub
+    training_args.push_to_hub = False
+    if push_requested and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id USER/NAME, the model repository to create or update")
+
     outcome = train(model_args, data_args, run_args, training_args)
     output_dir = Path(training_args.output_dir)
     if training_args.process_index == 0:
@@ -45,8 +51,14 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments, run
     details = {"model": "model/", "backbone": model_args.backbone,
                "initialisation": "random (from scratch)" if model_args.from_scratch else "pretrained",
                "data": Path(data_args.data_dir).name}
-    return evaluate_split(model, image_processor, task, heldout, split, output_dir / EVALUATION_SUBDIR,
-                          training_args, n_bootstrap=run_args.n_bootstrap, details=details, notes=notes)
+    report = evaluate_split(model, image_processor, task, heldout, split, output_dir / EVALUATION_SUBDIR,
+                            training_args, n_bootstrap=run_args.n_bootstrap, details=details, notes=notes)
+    if push_requested and training_args.process_index == 0:
+        from bonevision.hub import push_run
+
+        push_run(output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+                 examples_from=data_args.data_dir, dataset_cache_dir=data_args.dataset_cache_dir)
+    return report
 
 
 def write_data_report(dataset, output_dir: Path) -> None:
@@ -91,10 +103,12 @@ def write_run_config(output_dir: Path, model_args: ModelArguments, data_args: Da
         "task": data_args.task,
         "dataset": get_task(data_args.task).dataset,
         "data_dir_name": Path(data_args.data_dir).name,
+        "validation_fraction": data_args.validation_fraction,
         "backbone": backbone.name,
         "family": backbone.family,
         "base_model": checkpoint,
         "from_scratch": model_args.from_scratch,
+        "linear_probe": model_args.linear_probe,
         "image_size": model_args.image_size or backbone.input_size,
         "precision": run_args.precision,
         "class_weighted_loss": run_args.class_weighted_loss,

@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainin
 from transformers.trainer_utils import get_last_checkpoint
 
 from bonevision.arguments import DataArguments, ModelArguments, RunArguments
+from bonevision.cache import CacheSettings, default_shorter_side, prepare_cache
 from bonevision.metrics import classification_metrics, multiclass_metrics, regression_metrics
 from bonevision.models import (
     build_image_processor,
@@ -22,7 +23,8 @@ from bonevision.models import (
     load_pretrained_image_processor,
 )
 from bonevision.tasks import Task, get_task, label_names, load_task_dataset, raw_targets
-from bonevision.transforms import RadiographEvalPreset, collate_tensors, make_batch_transform, train_preset_for
+from bonevision.presets import RadiographEvalPreset, train_preset_for
+from bonevision.transforms import collate_tensors, make_batch_transform
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ def resolve_precision(requested: str, training_args: TrainingArguments) -> str:
         logger.warning("fp16/bf16 flags are replaced by the precision policy (precision=%s -> %s)", requested, choice)
     training_args.bf16 = choice == "bf16"
     training_args.fp16 = choice == "fp16"
+    # transformers 5.25 gives the Accelerator `mixed_precision`, fixed in __post_init__ from the flags or from
+    # `accelerate launch`'s ACCELERATE_MIXED_PRECISION, so it must follow the choice too.
+    training_args.mixed_precision = choice if choice in {"bf16", "fp16"} else "no"
     logger.info("Training precision: %s", choice)
     return choice
 
@@ -113,6 +118,34 @@ def class_weighted_loss(weights: torch.Tensor):
     return compute_loss
 
 
+def freeze_all_but_head(model: torch.nn.Module) -> int:
+    """Freeze every parameter except the classification head's; return the trainable parameter count.
+
+    Batch-norm layers outside the head also stay in inference mode during training (running statistics, no updates),
+    as in a Keras backbone with `trainable=False`, through a forward pre-hook that `model.train()` cannot undo.
+    """
+    if hasattr(model, "timm_model"):  # TimmWrapperForImageClassification
+        head = model.timm_model.get_classifier()
+    else:  # ViTForImageClassification
+        head = model.classifier
+    model.requires_grad_(False)
+    head.requires_grad_(True)
+
+    head_modules = set(head.modules())
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module not in head_modules:
+            module.register_forward_pre_hook(_keep_in_inference_mode)
+
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("Linear probe: %d of %d parameters are trainable (the classification head)", trainable, total)
+    return trainable
+
+
+def _keep_in_inference_mode(module: torch.nn.Module, inputs) -> None:
+    module.training = False
+
+
 def select_rows(dataset: datasets.Dataset, limit: int | None, seed: int = 42) -> datasets.Dataset:
     """A seeded random subset of `limit` rows (splits are sorted by class, so the first rows would be one class)."""
     if limit is None or limit >= len(dataset):
@@ -133,10 +166,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     task = get_task(data_args.task)
     if data_args.data_dir is None:
         raise ValueError("no data folder given: pass --data_dir pointing at the Kaggle download (folder or .zip)")
-    dataset = load_task_dataset(task, data_args.data_dir, strict=data_args.strict,
-                                validation_fraction=data_args.validation_fraction,
-                                validation_labels_csv=data_args.validation_labels_csv,
-                                seed=training_args.seed, cache_dir=data_args.dataset_cache_dir)
+    backbone = get_backbone(model_args.backbone)
+    shorter_side = preprocessing_shorter_side(data_args, model_args.image_size or backbone.input_size)
+    # The main process builds the Arrow files; the others then read them from the cache.
+    with training_args.main_process_first(desc="preparing the dataset"):
+        dataset = load_task_dataset(task, data_args.data_dir, strict=data_args.strict,
+                                    validation_fraction=data_args.validation_fraction,
+                                    validation_labels_csv=data_args.validation_labels_csv,
+                                    seed=training_args.seed, cache_dir=data_args.dataset_cache_dir)
+        if data_args.preprocess_cache:
+            settings = CacheSettings(shorter_side=shorter_side, image_format=data_args.cache_image_format)
+            dataset = prepare_cache(dataset, settings, num_proc=data_args.preprocessing_num_workers)
     if "validation" not in dataset:
         raise ValueError(f"{data_args.data_dir} has no validation split; the task needs one for model selection")
     train_dataset = select_rows(dataset["train"], data_args.max_train_samples, training_args.seed)
@@ -147,13 +187,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     targets = raw_targets(task, train_dataset)
     target_mean, target_std = (float(targets.mean()), float(targets.std()) or 1.0) if task.is_regression else (0.0, 1.0)
 
-    backbone = get_backbone(model_args.backbone)
-    extra_config = {"bonevision_task": task.name, "bonevision_backbone": backbone.name}
+    extra_config = {"bonevision_task": task.name, "bonevision_backbone": backbone.name,
+                    "preprocessing_shorter_side": shorter_side}
     if task.is_regression:
         extra_config.update(target_mean=target_mean, target_std=target_std, target_unit="months")
     model = build_model(backbone, num_labels=len(names), id2label=id2label, problem_type=task.problem_type,
                         from_scratch=model_args.from_scratch, image_size=model_args.image_size,
                         checkpoint=model_args.checkpoint, extra_config=extra_config)
+    if model_args.linear_probe:
+        freeze_all_but_head(model)
     if model_args.from_scratch:
         image_processor = build_image_processor(backbone, image_size=model_args.image_size)
     else:
@@ -165,9 +207,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     train_dataset = train_dataset.cast_column("image", image_cells)
     eval_dataset = eval_dataset.cast_column("image", image_cells)
     train_dataset.set_transform(make_batch_transform(task, train_preset, target_mean=target_mean,
-                                                     target_std=target_std))
+                                                     target_std=target_std, shorter_side=shorter_side))
     eval_dataset.set_transform(make_batch_transform(task, eval_preset, target_mean=target_mean,
-                                                    target_std=target_std, batched_preset=True))
+                                                    target_std=target_std, batched_preset=True,
+                                                    shorter_side=shorter_side))
 
     configure_model_selection(task, run_args, training_args)
     callbacks = []
@@ -199,6 +242,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
         logger.info("Saved the model to %s", model_dir)
     trainer.accelerator.wait_for_everyone()
     return TrainingOutcome(model_dir=model_dir, task=task, dataset=dataset, trainer=trainer)
+
+
+def preprocessing_shorter_side(data_args: DataArguments, input_size: int) -> int:
+    """The shorter side (pixels) images are resized to before augmentation: cached or not, the same pixels."""
+    shorter_side = data_args.cache_shorter_side or default_shorter_side(input_size)
+    if shorter_side < input_size:
+        raise ValueError(f"cache_shorter_side {shorter_side} is smaller than the model input size {input_size}; "
+                         f"use at least {input_size}")
+    return shorter_side
 
 
 def configure_model_selection(task: Task, run_args: RunArguments, training_args: TrainingArguments) -> None:

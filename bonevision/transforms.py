@@ -1,102 +1,46 @@
-"""Training augmentation and evaluation presets for radiographs, applied on the fly with `Dataset.set_transform`.
+"""Dataset plumbing for training and evaluation: `set_transform` functions and the `Trainer` collate function.
 
-Every image is first decoded by the one rule of `bonevision.decoding` (8-bit grayscale). The evaluation preset is the
-image processor saved with the model, so evaluation and `pipeline` inference see identical pixels. The training preset
-augments mildly: radiographs have no colour, a fixed anatomy orientation and fine detail that strong crops destroy.
+Every image is first decoded by the one rule of `bonevision.decoding` (8-bit grayscale), resized as the preprocessed
+cache stores it, then passed through a preset of `bonevision.presets`.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
-from bonevision.decoding import decode_radiograph, to_rgb
+from bonevision.cache import resize_shorter_side
+from bonevision.decoding import decode_radiograph
 from bonevision.tasks import Task, bone_age_bins
 
 
-class RandomGamma(torch.nn.Module):
-    """Random gamma correction with `gamma` drawn log-uniformly from `gamma_range` (exposure differences)."""
+def decode_image_cell(cell: dict[str, Any], shorter_side: int | None = None) -> Image.Image:
+    """Decode one undecoded `datasets.Image` cell (`{"bytes", "path"}`) by bonevision's decoding rule.
 
-    def __init__(self, gamma_range: tuple[float, float] = (0.8, 1.25)):
-        super().__init__()
-        self.log_range = (float(np.log(gamma_range[0])), float(np.log(gamma_range[1])))
-
-    def forward(self, image: Image.Image) -> Image.Image:
-        gamma = float(np.exp(random.uniform(*self.log_range)))
-        return v2.functional.adjust_gamma(image, gamma)
-
-
-class RadiographTrainPreset:
-    """Training augmentation: mild random resized crop, small rotation, brightness/contrast/gamma, optional flip.
-
-    No colour jitter (radiographs are grayscale) and no vertical flip. Horizontal flip is off by default because
-    left and right hands or limbs are not interchangeable in every dataset. Randomness comes from Python's and
-    torch's generators, which `Trainer` seeds per data-loader worker.
+    With `shorter_side`, the image is downscaled exactly as the preprocessed cache stores it (a no-op for cached
+    images), so cached and uncached pipelines give the same pixels.
     """
-
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], *, scale=(0.75, 1.0),
-                 degrees: float = 10.0, brightness: float = 0.2, contrast: float = 0.2,
-                 gamma_range: tuple[float, float] = (0.8, 1.25), hflip: bool = False):
-        steps: list[Callable] = [
-            v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
-            v2.RandomRotation(degrees, fill=0),
-            v2.ColorJitter(brightness=brightness, contrast=contrast),
-            RandomGamma(gamma_range),
-        ]
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.augment = v2.Compose(steps)
-        self.to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(list(mean), list(std))])
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.to_tensor(to_rgb(self.augment(image)))
-
-
-class RadiographEvalPreset:
-    """Evaluation preprocessing: the model's own image processor on the decoded radiograph (three equal channels)."""
-
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        rgb = [to_rgb(image) for image in images]
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-
-
-def train_preset_for(image_processor: Any, **options) -> RadiographTrainPreset:
-    """A training preset with the input size and normalisation of `image_processor` (ViT or TimmWrapper)."""
-    if hasattr(image_processor, "data_config"):  # TimmWrapperImageProcessor
-        config = image_processor.data_config
-        size, mean, std = config["input_size"][-1], config["mean"], config["std"]
-    else:
-        size = image_processor.size["height"]
-        mean, std = image_processor.image_mean, image_processor.image_std
-    return RadiographTrainPreset(size, tuple(mean), tuple(std), **options)
-
-
-def decode_image_cell(cell: dict[str, Any]) -> Image.Image:
-    """Decode one undecoded `datasets.Image` cell (`{"bytes", "path"}`) by bonevision's decoding rule."""
     if cell.get("bytes") is not None:
-        return decode_radiograph(cell["bytes"], name=cell.get("path") or "<bytes>")
-    return decode_radiograph(cell["path"])
+        image = decode_radiograph(cell["bytes"], name=cell.get("path") or "<bytes>")
+    else:
+        image = decode_radiograph(cell["path"])
+    return image if shorter_side is None else resize_shorter_side(image, shorter_side)
 
 
 def make_batch_transform(task: Task, preset: Callable, *, target_mean: float = 0.0, target_std: float = 1.0,
-                         batched_preset: bool = False) -> Callable[[dict[str, list]], dict[str, Any]]:
+                         batched_preset: bool = False,
+                         shorter_side: int | None = None) -> Callable[[dict[str, list]], dict[str, Any]]:
     """The `set_transform` function: undecoded image cells and labels in, `pixel_values` and `labels` out.
 
     Bone age targets are standardised with the training split's mean and standard deviation (months).
     """
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
-        images = [decode_image_cell(cell) for cell in batch["image"]]
+        images = [decode_image_cell(cell, shorter_side) for cell in batch["image"]]
         if batched_preset:
             pixel_values = list(preset(images))
         else:

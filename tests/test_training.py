@@ -11,6 +11,7 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from bonevision.arguments import parse_training_arguments
 from bonevision.decoding import decode_radiograph
+from bonevision.prediction import predict_files
 from bonevision.run import main as run_main
 
 TWO_STEPS = [
@@ -62,6 +63,12 @@ def test_fracture_train_evaluate_reload(backbone, fracture_sample_dir, dataset_c
     grayscale = decode_radiograph(fracture_sample_dir / rows[0]["image_id"])
     outputs = classifier(grayscale)
     assert {output["label"] for output in outputs} == {"fractured", "not fractured"}
+
+    # `bonevision predict` prepares pixels exactly as evaluation did, so it reproduces the evaluation's outputs.
+    predicted = predict_files(run_dir / "model", [str(fracture_sample_dir / row["image_id"]) for row in rows[:4]])
+    for row, output in zip(rows[:4], predicted.rows):
+        assert float(output["probability_fractured"]) == pytest.approx(float(row["probability_fractured"]),
+                                                                       abs=1e-3)
 
 
 @pytest.mark.parametrize("backbone", ["vit-tiny-test", "resnet-tiny-test"])

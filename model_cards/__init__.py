@@ -1,0 +1,1 @@
+"""Jinja templates of the model cards that `bonevision push` renders."""
