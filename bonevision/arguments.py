@@ -52,6 +52,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder."})
+    audit: bool = field(
+        default=True, metadata={"help": "Run the leakage audit (exact and near-duplicate images across splits) "
+                                        "before training; its hashes are cached, and the report goes to <output_dir>/audit."})
+    fail_on_leakage: bool = field(
+        default=False, metadata={"help": "Stop before training when the audit finds copies across splits."})
+    group_aware_split: bool = field(
+        default=False, metadata={"help": "Re-split the labelled data so that no near-duplicate cluster spans train "
+                                         "and validation (stratified, seeded; validation_fraction sets the size)."})
     preprocess_cache: bool = field(
         default=True, metadata={"help": "Decode and resize every image once into an Arrow cache before training "
                                         "instead of decoding full-size files at every step."})

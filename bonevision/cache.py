@@ -1,7 +1,7 @@
 """A preprocessed image cache in the `datasets` Arrow format: decode each radiograph once, resize, store.
 
-Decoding a 2000 x 1500 PNG and resizing it costs tens of milliseconds; a pre-resized 8-bit image in the cache
-decodes in well under a millisecond, so training reads from the cache. Each split is written next to the builder's
+Decoding a 2000 x 1500 PNG and resizing it costs tens of milliseconds. A pre-resized 8-bit image in the cache
+decodes in about a millisecond, so training reads from the cache. Each split is written next to the builder's
 own Arrow files under a name derived from every setting and from the source data's fingerprint, so changing a
 setting builds a new cache instead of reusing a stale one. `Dataset.map` writes to a temporary file and renames it
 only when the split is complete, so a run killed half-way leaves nothing that a later run trusts.
@@ -46,7 +46,7 @@ class CacheSettings:
 
 
 def default_shorter_side(input_size: int) -> int:
-    """The cache's shorter side for a model input size: the 256/224 margin of the usual resize-then-crop."""
+    """Return the cache's shorter side for a model input size: the 256/224 margin of the usual resize-then-crop."""
     return int(math.ceil(input_size * 256 / 224))
 
 
@@ -65,7 +65,7 @@ def encode_image(image: Image.Image, settings: CacheSettings) -> bytes:
     """Encode a preprocessed 8-bit image for the cache."""
     buffer = io.BytesIO()
     if settings.image_format == "png":
-        image.save(buffer, format="PNG", compress_level=1)  # level 1: nearly as small, several times faster
+        image.save(buffer, format="PNG", compress_level=1)  # the fastest zlib level; the files stay lossless
     else:
         image.save(buffer, format="JPEG", quality=settings.jpeg_quality)
     return buffer.getvalue()
@@ -92,7 +92,7 @@ def cache_key(dataset: datasets.Dataset, settings: CacheSettings) -> str:
 
 
 def cache_file_for(dataset: datasets.Dataset, split: str, settings: CacheSettings) -> Path:
-    """Where the cached split lives: beside the builder's Arrow files, named by the cache key."""
+    """Return where the cached split lives: beside the builder's Arrow files, named by the cache key."""
     if not dataset.cache_files:
         raise ValueError(f"split {split!r} is held in memory; the cache needs a dataset loaded from Arrow files")
     folder = Path(dataset.cache_files[0]["filename"]).parent
@@ -100,7 +100,7 @@ def cache_file_for(dataset: datasets.Dataset, split: str, settings: CacheSetting
 
 
 def is_cached(path: Path, num_proc: int | None) -> bool:
-    """Whether the complete cache exists: one file, or every shard that a map with `num_proc` processes writes."""
+    """Check that the complete cache exists: one file, or every shard that a map with `num_proc` processes writes."""
     if not num_proc:
         return path.is_file()
     return all((path.parent / f"{path.stem}_{index:05d}_of_{num_proc:05d}.arrow").is_file()

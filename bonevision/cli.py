@@ -1,4 +1,4 @@
-"""The `bonevision` command: train, evaluate and demo subcommands."""
+"""The `bonevision` command line: train, compare, evaluate, prepare, audit, predict, push and demo."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Fine-tune from a YAML recipe (--config) plus overrides, then evaluate on held-out data. "
                              "Run `bonevision train --help` for every option.")
 
+    commands.add_parser("compare", add_help=False,
+                        help="Train and evaluate several backbones on the same splits, budget and seeds, then compare "
+                             "them with paired bootstrap CIs. Run `bonevision compare --help` for every option.")
+
     evaluate = commands.add_parser("evaluate", help="Evaluate a saved model/ folder on a labelled split.")
     evaluate.add_argument("model_dir", type=Path, help="A run's model/ folder.")
     evaluate.add_argument("--data-dir", "--data_dir", required=True, help="The Kaggle download: folder or .zip.")
@@ -66,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--validation-fraction", type=float, default=0.1, help="Bone age: as in train.")
     prepare.add_argument("--seed", type=int, default=42, help="Bone age split seed: as in train.")
 
+    from bonevision.audit import add_audit_arguments
+
+    add_audit_arguments(commands.add_parser(
+        "audit", help="Find exact and near-duplicate radiographs across splits (leakage) and label conflicts."))
+
     from bonevision.prediction import add_predict_arguments
 
     add_predict_arguments(commands.add_parser(
@@ -89,14 +98,16 @@ def run_evaluate(args: argparse.Namespace) -> Path | None:
     from bonevision.evaluation import evaluate_split, load_model_folder
     from bonevision.tasks import load_task_dataset
 
+    if (args.output_dir / "metrics.json").exists():
+        raise FileExistsError(f"{args.output_dir} already holds an evaluation; choose another --output-dir")
     model, image_processor, task = load_model_folder(args.model_dir)
     dataset = load_task_dataset(task, args.data_dir, validation_fraction=args.validation_fraction,
                                 validation_labels_csv=args.validation_labels_csv, seed=args.seed)
+    # Read the images through the same preprocessed cache as training did, when training used one.
     shorter_side = getattr(model.config, "preprocessing_shorter_side", None)
-    if shorter_side is not None:
-        dataset = prepare_cache(dataset, CacheSettings(shorter_side=shorter_side))
-    if (args.output_dir / "metrics.json").exists():
-        raise FileExistsError(f"{args.output_dir} already holds an evaluation; choose another --output-dir")
+    cache_format = getattr(model.config, "preprocessing_cache_format", None)
+    if shorter_side is not None and cache_format is not None:
+        dataset = prepare_cache(dataset, CacheSettings(shorter_side=shorter_side, image_format=cache_format))
     training_args = TrainingArguments(output_dir=str(args.output_dir), per_device_eval_batch_size=args.batch_size,
                                       report_to="none", seed=args.seed, remove_unused_columns=False)
     details = {"model": args.model_dir.name, "data": Path(args.data_dir).name}
@@ -134,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         from bonevision.run import main as run_main
 
         report = run_main(argv[1:])
+    elif argv[0] == "compare":
+        from bonevision.compare import main as compare_main
+
+        report = compare_main(argv[1:])
     else:
         args = parser.parse_args(argv)
         report = None
@@ -141,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             report = run_evaluate(args)
         elif args.command == "prepare":
             run_prepare(args)
+        elif args.command == "audit":
+            from bonevision.audit import run_audit_command
+
+            run_audit_command(args)
+            print(f"Audit written to {args.output_dir}")
         elif args.command == "push":
             from bonevision.hub import run_push_command
 

@@ -147,7 +147,9 @@ def write_evaluation(output_dir: Path, task: Task, predictions: Predictions, met
         matrix = confusion_matrix(predictions.targets, predicted_classes(task, predictions.outputs),
                                   len(class_names))
         plots["Confusion matrix"] = plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
-        if task.name == "fracture":
+        if task.name == "fracture" and len(np.unique(predictions.targets)) < 2:
+            notes = [*notes, "No ROC curve: the evaluated images are all of one class."]
+        elif task.name == "fracture":
             plots["ROC curve"] = plot_roc_curve(predictions.targets,
                                                 predictions.outputs[:, FRACTURE_POSITIVE_LABEL],
                                                 output_dir / "roc_curve.png", auroc=metrics.get("auroc"),

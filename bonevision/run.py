@@ -51,14 +51,37 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments, run
     details = {"model": "model/", "backbone": model_args.backbone,
                "initialisation": "random (from scratch)" if model_args.from_scratch else "pretrained",
                "data": Path(data_args.data_dir).name}
+    deduplicated = None
+    if outcome.audit is not None and split == "validation" and not data_args.group_aware_split:
+        deduplicated = deduplicated_rows(outcome.audit, heldout[split])
+        notes.append(f"{len(heldout[split]) - len(deduplicated)} of {len(heldout[split])} evaluated images have an "
+                     "exact or near copy in the training split (leakage audit in ../audit/). Metrics on the "
+                     f"{len(deduplicated)} images without one are in deduplicated/report.md.")
+
     report = evaluate_split(model, image_processor, task, heldout, split, output_dir / EVALUATION_SUBDIR,
                             training_args, n_bootstrap=run_args.n_bootstrap, details=details, notes=notes)
+    if deduplicated is not None and has_labels(task, deduplicated) and len(deduplicated) > 1:
+        evaluate_split(model, image_processor, task, DatasetDict({split: deduplicated}), split,
+                       output_dir / EVALUATION_SUBDIR / "deduplicated", training_args,
+                       n_bootstrap=run_args.n_bootstrap, details=details,
+                       notes=["Only the evaluated images without an exact or near copy in the training split."])
     if push_requested and training_args.process_index == 0:
         from bonevision.hub import push_run
 
         push_run(output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
                  examples_from=data_args.data_dir, dataset_cache_dir=data_args.dataset_cache_dir)
     return report
+
+
+def deduplicated_rows(audit, rows):
+    """The rows of an evaluation split that have no exact or near copy in the training split."""
+    from bonevision.audit import deduplicated_mask
+
+    keep = deduplicated_mask(audit, "validation")
+    audited_ids = [image.image_id for image in sorted((image for image in audit.images + audit.unreadable
+                                                       if image.split == "validation"), key=lambda image: image.row)]
+    clean_ids = {image_id for image_id, kept in zip(audited_ids, keep) if kept}
+    return rows.filter(lambda image_id: image_id in clean_ids, input_columns="image_id")
 
 
 def write_data_report(dataset, output_dir: Path) -> None:

@@ -13,6 +13,7 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainin
 from transformers.trainer_utils import get_last_checkpoint
 
 from bonevision.arguments import DataArguments, ModelArguments, RunArguments
+from bonevision.audit import AuditResult, audit_dataset, write_audit
 from bonevision.cache import CacheSettings, default_shorter_side, prepare_cache
 from bonevision.metrics import classification_metrics, multiclass_metrics, regression_metrics
 from bonevision.models import (
@@ -22,8 +23,9 @@ from bonevision.models import (
     get_backbone,
     load_pretrained_image_processor,
 )
-from bonevision.tasks import Task, get_task, label_names, load_task_dataset, raw_targets
 from bonevision.presets import RadiographEvalPreset, train_preset_for
+from bonevision.splits import group_aware_split
+from bonevision.tasks import Task, get_task, label_names, load_task_dataset, raw_targets
 from bonevision.transforms import collate_tensors, make_batch_transform
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class TrainingOutcome:
     task: Task
     dataset: datasets.DatasetDict
     trainer: Trainer
+    audit: AuditResult | None = None  # of the splits as loaded, before any group-aware re-split
 
 
 def resolve_precision(requested: str, training_args: TrainingArguments) -> str:
@@ -174,6 +177,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
                                     validation_fraction=data_args.validation_fraction,
                                     validation_labels_csv=data_args.validation_labels_csv,
                                     seed=training_args.seed, cache_dir=data_args.dataset_cache_dir)
+        audit = run_leakage_audit(dataset, data_args, training_args) if data_args.audit else None
+        if data_args.group_aware_split:
+            if audit is None:
+                raise ValueError("group_aware_split needs the leakage audit; do not set audit to false")
+            dataset = group_aware_split(dataset, audit.groups(), validation_fraction=data_args.validation_fraction,
+                                        seed=training_args.seed,
+                                        stratify_column="label" if task.name == "fracture" else "bone_age_months")
         if data_args.preprocess_cache:
             settings = CacheSettings(shorter_side=shorter_side, image_format=data_args.cache_image_format)
             dataset = prepare_cache(dataset, settings, num_proc=data_args.preprocessing_num_workers)
@@ -188,7 +198,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     target_mean, target_std = (float(targets.mean()), float(targets.std()) or 1.0) if task.is_regression else (0.0, 1.0)
 
     extra_config = {"bonevision_task": task.name, "bonevision_backbone": backbone.name,
-                    "preprocessing_shorter_side": shorter_side}
+                    "preprocessing_shorter_side": shorter_side,
+                    "preprocessing_cache_format": data_args.cache_image_format if data_args.preprocess_cache else None}
     if task.is_regression:
         extra_config.update(target_mean=target_mean, target_std=target_std, target_unit="months")
     model = build_model(backbone, num_labels=len(names), id2label=id2label, problem_type=task.problem_type,
@@ -241,7 +252,30 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
         image_processor.save_pretrained(model_dir)
         logger.info("Saved the model to %s", model_dir)
     trainer.accelerator.wait_for_everyone()
-    return TrainingOutcome(model_dir=model_dir, task=task, dataset=dataset, trainer=trainer)
+    return TrainingOutcome(model_dir=model_dir, task=task, dataset=dataset, trainer=trainer, audit=audit)
+
+
+def run_leakage_audit(dataset: datasets.DatasetDict, data_args: DataArguments,
+                      training_args: TrainingArguments) -> AuditResult:
+    """Audit the splits for copies across them, write the report into the run folder and warn with the counts."""
+    audit = audit_dataset(dataset, num_proc=data_args.preprocessing_num_workers or 1)
+    summary = audit.summary()
+    if training_args.process_index == 0:
+        write_audit(audit, Path(training_args.output_dir) / "audit")
+
+    cross_split = summary["exact_cross_split_pairs"] + summary["near_cross_split_pairs"]
+    if cross_split:
+        message = (f"leakage audit: {summary['exact_cross_split_pairs']} exact and {summary['near_cross_split_pairs']} "
+                   f"near-duplicate pairs across splits; {summary.get('validation_images_with_train_near_copy', 0)} "
+                   "validation images have a copy in train, so validation metrics are optimistic. "
+                   "Use --group_aware_split true to re-split without leakage.")
+        if data_args.fail_on_leakage:
+            raise ValueError(message + " (stopped because --fail_on_leakage is set)")
+        if training_args.process_index == 0:
+            logger.warning(message[0].upper() + message[1:])
+    else:
+        logger.info("Leakage audit: no copies across splits")
+    return audit
 
 
 def preprocessing_shorter_side(data_args: DataArguments, input_size: int) -> int:

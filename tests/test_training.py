@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ TWO_STEPS = [
     "--from_scratch=true", "--max_steps=2", "--per_device_train_batch_size=4", "--per_device_eval_batch_size=8",
     "--eval_strategy=steps", "--eval_steps=2", "--save_strategy=steps", "--save_steps=2",
     "--load_best_model_at_end=true", "--report_to=none", "--dataloader_num_workers=0", "--n_bootstrap=200",
-    "--max_train_samples=16", "--max_eval_samples=12", "--logging_steps=1", "--seed=0",
+    "--max_train_samples=16", "--max_eval_samples=12", "--logging_steps=1", "--seed=0", "--audit=false",
 ]
 
 
@@ -172,3 +173,57 @@ def test_demo_runs_offline(tmp_path, monkeypatch):
     classifier = pipeline("image-classification", model=str(tmp_path / "demo" / "model"))
     outputs = classifier(Image.new("L", (200, 240), 90))
     assert outputs[0]["label"] in {"fractured", "not fractured"}
+
+
+def test_evaluate_command_on_saved_model(fracture_sample_dir, dataset_cache, tmp_path):
+    from bonevision.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    train_run("fracture", "resnet-tiny-test", fracture_sample_dir, run_dir, dataset_cache)
+    output_dir = tmp_path / "evaluation-again"
+    argv = ["evaluate", str(run_dir / "model"), "--data-dir", str(fracture_sample_dir), "--split", "validation",
+            "--output-dir", str(output_dir), "--n-bootstrap", "50"]
+
+    assert cli_main(argv) == 0
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["num_samples"] == 99  # the whole validation split, 2 truncated files skipped by the builder
+    assert (output_dir / "report.md").is_file()
+
+    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+        cli_main(argv)
+
+
+def test_training_runs_leakage_audit(fracture_sample_dir, dataset_cache, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train_run("fracture", "vit-tiny-test", fracture_sample_dir, run_dir, dataset_cache, "--audit=true",
+                  "--max_eval_samples=99")
+
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert audit["exact_cross_split_pairs"] == 14
+    assert "Leakage audit: 14 exact" in caplog.text
+    deduplicated = json.loads((run_dir / "evaluation" / "deduplicated" / "metrics.json").read_text())
+    assert deduplicated["num_samples"] == 99 - audit["validation_images_with_train_near_copy"]
+    assert "deduplicated/report.md" in (run_dir / "evaluation" / "report.md").read_text()
+
+
+def test_fail_on_leakage_stops_before_training(fracture_sample_dir, dataset_cache, tmp_path):
+    with pytest.raises(ValueError, match="fail_on_leakage"):
+        train_run("fracture", "vit-tiny-test", fracture_sample_dir, tmp_path / "run", dataset_cache,
+                  "--audit=true", "--fail_on_leakage=true")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_group_aware_split_has_no_cross_split_copies(fracture_sample_dir, dataset_cache, tmp_path):
+    from bonevision.audit import audit_dataset
+    from bonevision.training import group_aware_split
+    from hf_datasets.bone_fracture import load_bone_fracture
+
+    dataset = load_bone_fracture(fracture_sample_dir, cache_dir=dataset_cache)
+    audit = audit_dataset(dataset)
+    resplit = group_aware_split(dataset, audit.groups(), validation_fraction=0.3, seed=0)
+
+    summary = audit_dataset(resplit).summary()
+    assert summary["exact_cross_split_pairs"] == 0
+    assert summary["near_cross_split_pairs"] == 0
+    assert len(resplit["train"]) + len(resplit["validation"]) == 298
