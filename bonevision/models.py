@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -142,8 +143,10 @@ def build_model(backbone: Backbone, *, num_labels: int, id2label: dict[int, str]
 
     normalise_label_maps(model.config)
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
+    # A local checkpoint folder is named without its parent folders, so logs carry no local paths.
+    shown_source = Path(source).name if source is not None and Path(source).exists() else source
     logger.info("Built %s (%s, %.2f M parameters, %s)", backbone.name, type(model).__name__, num_parameters / 1e6,
-                "random weights" if from_scratch else f"pretrained from {source}")
+                "random weights" if from_scratch else f"pretrained from {shown_source}")
     return model
 
 
