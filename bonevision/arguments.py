@@ -82,10 +82,10 @@ class RunArguments:
         default=False, metadata={"help": "Weight the cross-entropy by inverse class frequency of the training split."})
     early_stopping_patience: int | None = field(
         default=3, metadata={"help": "Evaluations without improvement of the validation metric before stopping; "
-                                     "null disables early stopping."})
+                                     "0 (or null in a recipe) disables early stopping."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in the output folder."})
     augment_hflip: bool = field(default=False, metadata={"help": "Random horizontal flips during training."})
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95% confidence intervals."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% confidence intervals."})
 
     def __post_init__(self):
         if self.precision not in {"auto", "bf16", "fp16", "fp32"}:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def setup_logging(process_index: int = 0) -> None:
 
 
 def _process_index() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 
@@ -134,7 +133,17 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a subcommand; invalid input ends with a one-line error (exit status 2) instead of a traceback."""
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("BONEVISION_TRACEBACK") == "1" or "PYTEST_CURRENT_TEST" in os.environ:
+            raise
+        print(f"bonevision: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str]) -> int:
     parser = build_parser()
     if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from sklearn.metrics import roc_curve
 
 from bonevision.paired_bootstrap import read_predictions_csv
-from bonevision.plots import DPI, FIGURE_SIZE_INCHES
+from bonevision.plots import new_figure, save_figure, style_roc_axes
 from bonevision.report import format_metric_value
 
 if TYPE_CHECKING:
@@ -209,38 +207,17 @@ def data_size_caveat(results: list[BackboneResult], metric: str, num_images) -> 
             "a ranking on this data may not hold on a larger test set.")
 
 
-def _new_figure():
-    figure = Figure(figsize=FIGURE_SIZE_INCHES, dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure, figure.add_subplot()
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    logger.info("Wrote plot %s", path)
-    return path
-
-
 def plot_roc_overlay(results: list[BackboneResult], path: Path) -> Path:
     """Plot every backbone's ROC curve for "fractured" on one set of axes."""
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     for result in results:
         predictions = read_predictions_csv(result.run_dir / "evaluation" / "predictions.csv", "fracture")
         false_positive_rate, true_positive_rate, _ = roc_curve(predictions.targets, predictions.outputs)
         auroc = result.metrics.get("auroc")
         label = result.name if auroc is None else f"{result.name} (AUROC {auroc:.3f})"
         axes.plot(false_positive_rate, true_positive_rate, linewidth=1.8, label=label)
-    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.01)
-    axes.set_aspect("equal")
-    axes.set_xlabel("False positive rate (1 - specificity)")
-    axes.set_ylabel("True positive rate (sensitivity)")
-    axes.set_title("ROC curves on the same held-out images")
-    axes.legend(loc="lower right", fontsize="small")
-    axes.grid(alpha=0.3)
-    return _save(figure, path)
+    style_roc_axes(axes, "ROC curves on the same held-out images", legend_fontsize="small")
+    return save_figure(figure, path)
 
 
 def _values_and_errors(results: list[BackboneResult], metric: str):
@@ -254,21 +231,21 @@ def _values_and_errors(results: list[BackboneResult], metric: str):
 def plot_metric_with_ci(results: list[BackboneResult], metric: str, path: Path) -> Path:
     """Plot each backbone's compared metric as a point with its 95% CI bar."""
     values, errors = _values_and_errors(results, metric)
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     positions = np.arange(len(results))
     axes.errorbar(positions, values, yerr=errors, fmt="o", capsize=5, color="tab:blue")
     axes.set_xticks(positions, labels=[result.name for result in results], rotation=20, ha="right")
     axes.set_ylabel(f"{METRIC_LABELS[metric]} (95% CI)")
     axes.set_title(f"Held-out {METRIC_LABELS[metric]} by backbone")
     axes.grid(alpha=0.3, axis="y")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_metric_vs_parameters(results: list[BackboneResult], metric: str, path: Path) -> Path:
     """Plot the compared metric against the parameter count (log scale), with 95% CI bars."""
     values, errors = _values_and_errors(results, metric)
     parameters = np.array([result.num_parameters / 1e6 for result in results])
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     axes.errorbar(parameters, values, yerr=errors, fmt="o", capsize=5, color="tab:blue")
     for name, x, y in zip((result.name for result in results), parameters, values):
         axes.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize="small")
@@ -281,4 +258,4 @@ def plot_metric_vs_parameters(results: list[BackboneResult], metric: str, path: 
     axes.set_ylabel(f"{METRIC_LABELS[metric]} (95% CI)")
     axes.set_title(f"{METRIC_LABELS[metric]} vs model size")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)

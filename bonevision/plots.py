@@ -22,19 +22,34 @@ FIGURE_SIZE_INCHES = (5.5, 5.0)
 DPI = 150
 
 
-def _new_figure() -> tuple[Figure, Axes]:
+def new_figure() -> tuple[Figure, Axes]:
+    """Create a figure on the Agg canvas, so pyplot's global backend is never touched."""
     figure = Figure(figsize=FIGURE_SIZE_INCHES, dpi=DPI)
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Save `figure` as PNG at `path`, creating its folder, and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, format="png")
     logger.info("Wrote plot %s", path)
     return path
+
+
+def style_roc_axes(axes: Axes, title: str, *, legend_fontsize: str = "medium") -> None:
+    """Add the chance diagonal, unit limits, axis labels, title, legend and grid of a ROC plot."""
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.01)
+    axes.set_aspect("equal")
+    axes.set_xlabel("False positive rate (1 - specificity)")
+    axes.set_ylabel("True positive rate (sensitivity)")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=legend_fontsize)
+    axes.grid(alpha=0.3)
 
 
 def _as_paired_values(targets: np.ndarray, predictions: np.ndarray, minimum: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,19 +93,11 @@ def plot_roc_curve(
         )
 
     false_positive_rate, true_positive_rate, _ = roc_curve(is_positive, scores_positive)
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     curve_label = "model" if auroc is None else f"model (AUROC {auroc:.3f})"
     axes.plot(false_positive_rate, true_positive_rate, color="tab:blue", linewidth=2, label=curve_label)
-    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.01)
-    axes.set_aspect("equal")
-    axes.set_xlabel("False positive rate (1 - specificity)")
-    axes.set_ylabel("True positive rate (sensitivity)")
-    axes.set_title(f"{title}\n{int(is_positive.sum())} positive, {int((~is_positive).sum())} negative")
-    axes.legend(loc="lower right")
-    axes.grid(alpha=0.3)
-    return _save(figure, path)
+    style_roc_axes(axes, f"{title}\n{int(is_positive.sum())} positive, {int((~is_positive).sum())} negative")
+    return save_figure(figure, path)
 
 
 def plot_confusion_matrix(
@@ -103,7 +110,7 @@ def plot_confusion_matrix(
     if len(class_names) != matrix.shape[0]:
         raise ValueError(f"got {len(class_names)} class_names for a {matrix.shape[0]}x{matrix.shape[0]} matrix")
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, label="Images")
     ticks = np.arange(len(class_names))
@@ -121,7 +128,7 @@ def plot_confusion_matrix(
             text = f"{int(value)}" if float(value).is_integer() else f"{value:.2f}"
             color = "white" if value > midpoint else "black"
             axes.text(column, row, text, ha="center", va="center", color=color)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_predicted_vs_true(
@@ -135,7 +142,7 @@ def plot_predicted_vs_true(
     """Scatter predicted against true values with the identity line and save it as PNG."""
     targets, predictions = _as_paired_values(targets, predictions, minimum=1)
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     low = float(min(targets.min(), predictions.min()))
     high = float(max(targets.max(), predictions.max()))
     margin = max(1.0, 0.05 * (high - low))
@@ -151,7 +158,7 @@ def plot_predicted_vs_true(
     axes.set_title(f"{title}\nn = {targets.size}, MAE = {mae:.1f} {unit}")
     axes.legend(loc="upper left")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_bland_altman(
@@ -175,7 +182,7 @@ def plot_bland_altman(
     spread = 1.96 * float(differences.std(ddof=1))
     lower, upper = bias - spread, bias + spread
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     axes.scatter(means, differences, s=12, alpha=0.6, color="tab:blue", edgecolors="none", label="images")
     axes.axhline(bias, color="tab:red", linewidth=1.5, label=f"bias {bias:+.1f} {unit}")
     axes.axhline(upper, color="tab:red", linestyle="--", linewidth=1, label=f"95% limits {lower:+.1f} to {upper:+.1f} {unit}")
@@ -186,4 +193,4 @@ def plot_bland_altman(
     axes.set_title(f"{title}\nn = {targets.size}")
     axes.legend(loc="best", fontsize="small")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -54,13 +54,15 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments, run
     deduplicated = None
     if outcome.audit is not None and split == "validation" and not data_args.group_aware_split:
         deduplicated = deduplicated_rows(outcome.audit, heldout[split])
+    if deduplicated is not None and len(deduplicated) < len(heldout[split]):
         notes.append(f"{len(heldout[split]) - len(deduplicated)} of {len(heldout[split])} evaluated images have an "
                      "exact or near copy in the training split (leakage audit in ../audit/). Metrics on the "
                      f"{len(deduplicated)} images without one are in deduplicated/report.md.")
 
     report = evaluate_split(model, image_processor, task, heldout, split, output_dir / EVALUATION_SUBDIR,
                             training_args, n_bootstrap=run_args.n_bootstrap, details=details, notes=notes)
-    if deduplicated is not None and has_labels(task, deduplicated) and len(deduplicated) > 1:
+    if (deduplicated is not None and 1 < len(deduplicated) < len(heldout[split])
+            and has_labels(task, deduplicated)):
         evaluate_split(model, image_processor, task, DatasetDict({split: deduplicated}), split,
                        output_dir / EVALUATION_SUBDIR / "deduplicated", training_args,
                        n_bootstrap=run_args.n_bootstrap, details=details,

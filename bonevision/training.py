@@ -205,6 +205,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     model = build_model(backbone, num_labels=len(names), id2label=id2label, problem_type=task.problem_type,
                         from_scratch=model_args.from_scratch, image_size=model_args.image_size,
                         checkpoint=model_args.checkpoint, extra_config=extra_config)
+    if resume_checkpoint is not None:
+        # Load the weights through from_pretrained, which maps saved ViT key names onto the current modules;
+        # the Trainer's own resume still restores the optimizer, scheduler and step.
+        model = type(model).from_pretrained(resume_checkpoint)
     if model_args.linear_probe:
         freeze_all_but_head(model)
     if model_args.from_scratch:
@@ -225,7 +229,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
 
     configure_model_selection(task, run_args, training_args)
     callbacks = []
-    if run_args.early_stopping_patience is not None and training_args.load_best_model_at_end:
+    if run_args.early_stopping_patience and training_args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
 
     loss_function = None
@@ -245,14 +249,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     trainer.save_metrics("train", result.metrics)
 
     model_dir = output_dir / MODEL_SUBDIR
+    final_model = best_model(trainer)
     if task.is_regression:
-        fold_target_scale(trainer.model)
+        fold_target_scale(final_model)
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(model_dir)
+        final_model.save_pretrained(model_dir)
         image_processor.save_pretrained(model_dir)
         logger.info("Saved the model to %s", model_dir)
     trainer.accelerator.wait_for_everyone()
     return TrainingOutcome(model_dir=model_dir, task=task, dataset=dataset, trainer=trainer, audit=audit)
+
+
+def best_model(trainer: Trainer):
+    """Return the model to save: the best checkpoint when one was selected, loaded with `from_pretrained`.
+
+    NOTE: with transformers 5.25, `load_best_model_at_end` loads a ViT checkpoint with `load_state_dict`, which does
+    not map the legacy key names that `save_pretrained` writes, so the encoder keeps the last step's weights.
+    Reloading the selected checkpoint through `from_pretrained` gives exactly the selected weights.
+    """
+    checkpoint = trainer.state.best_model_checkpoint
+    if not trainer.args.load_best_model_at_end or checkpoint is None:
+        return trainer.model
+    logger.info("Saving the best checkpoint, %s", Path(checkpoint).name)
+    return type(trainer.model).from_pretrained(checkpoint)
 
 
 def run_leakage_audit(dataset: datasets.DatasetDict, data_args: DataArguments,

@@ -227,3 +227,39 @@ def test_group_aware_split_has_no_cross_split_copies(fracture_sample_dir, datase
     assert summary["exact_cross_split_pairs"] == 0
     assert summary["near_cross_split_pairs"] == 0
     assert len(resplit["train"]) + len(resplit["validation"]) == 298
+
+
+@pytest.mark.parametrize("backbone", ["vit-tiny-test", "resnet-tiny-test"])
+def test_saved_model_is_best_checkpoint(backbone, fracture_sample_dir, dataset_cache, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "run"
+    train_run("fracture", backbone, fracture_sample_dir, run_dir, dataset_cache, "--max_steps=6",
+              "--learning_rate=0.05", "--early_stopping_patience=0")
+
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    best = AutoModelForImageClassification.from_pretrained(run_dir / Path(state["best_model_checkpoint"]).name)
+    saved = AutoModelForImageClassification.from_pretrained(run_dir / "model")
+    for name, tensor in best.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def test_train_help_lists_options(capsys):
+    from bonevision.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--help"])
+
+    assert exit_info.value.code == 0
+    assert "--n_bootstrap" in capsys.readouterr().out
+
+
+def test_cli_error_is_one_line(monkeypatch, capsys, tmp_path):
+    from bonevision.cli import main as cli_main
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    status = cli_main(["evaluate", str(tmp_path / "missing-model"), "--data-dir", str(tmp_path),
+                       "--output-dir", str(tmp_path / "out")])
+
+    assert status == 2
+    assert capsys.readouterr().err.startswith("bonevision: error: ")
