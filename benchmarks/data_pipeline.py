@@ -104,7 +104,7 @@ def time_cached_loader(data_dir: Path, cache_dir: Path, image_format: str, passe
 
 
 def make_synthetic_16bit(target: Path, count: int, distinct: int = 16) -> None:
-    """An RSNA-layout folder of `count` 2000 x 1500 16-bit PNGs (hard links to `distinct` different images)."""
+    """Write an RSNA-layout folder of `count` 2000 x 1500 16-bit PNGs (hard links to `distinct` different images)."""
     images_dir = target / "boneage-training-dataset"
     images_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -129,7 +129,7 @@ def run_prepare_measured(data_dir: Path, cache_dir: Path, num_proc: int) -> tupl
     """Wall time (s) and peak resident memory (MiB, summed over the process tree) of `bonevision prepare`."""
     command = [sys.executable, "-m", "bonevision.cli", "prepare", "rsna-bone-age", str(data_dir),
                "--cache-dir", str(cache_dir), "--num-proc", str(num_proc)]
-    # stderr (progress bars, logs) goes to a file: a pipe that nobody reads fills up and blocks the child.
+    # stderr (progress bars, logs) goes to a file, because an unread pipe fills up and blocks the child process.
     stderr_log = tempfile.TemporaryFile()
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_log)
@@ -190,8 +190,8 @@ def main() -> None:
 
     print(f"{'figure':<45} {'value':>12}")
     for name, value in figures.items():
-        shown = f"{value:12.1f}" if isinstance(value, float) else f"{value:>12}"
-        print(f"{name:<45} {shown}")
+        formatted = f"{value:12.1f}" if isinstance(value, float) else f"{value:>12}"
+        print(f"{name:<45} {formatted}")
     print(json.dumps({name: round(value, 2) if isinstance(value, float) else value
                       for name, value in figures.items()}))
 

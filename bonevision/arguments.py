@@ -1,7 +1,7 @@
 """Argument groups for training and evaluation, parsed with `HfArgumentParser` from a YAML recipe plus flags.
 
-A recipe in `configs/` is a flat YAML mapping whose keys are fields of these dataclasses or of `TrainingArguments`;
-flags given on the command line override it.
+A recipe in `configs/` is a flat YAML mapping whose keys are fields of these dataclasses or of `TrainingArguments`.
+Flags given on the command line override it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
-    """Which network to fine-tune and how to initialise it."""
+    """Arguments for the network to fine-tune and its initialisation."""
 
     backbone: str = field(default="vit-base", metadata={"help": f"Registry name, one of: {', '.join(BACKBONES)}."})
     from_scratch: bool = field(
@@ -39,7 +39,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Which task and download to train on, and how to split it."""
+    """Arguments for the task, the download to train on and its splits."""
 
     task: str = field(default="fracture", metadata={"help": f"One of: {', '.join(TASKS)}."})
     data_dir: str | None = field(default=None, metadata={"help": "The Kaggle download: folder or .zip."})
@@ -54,7 +54,8 @@ class DataArguments:
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder."})
     audit: bool = field(
         default=True, metadata={"help": "Run the leakage audit (exact and near-duplicate images across splits) "
-                                        "before training; its hashes are cached, and the report goes to <output_dir>/audit."})
+                                        "before training. Its hashes are cached, and the report goes to "
+                                        "<output_dir>/audit."})
     fail_on_leakage: bool = field(
         default=False, metadata={"help": "Stop before training when the audit finds copies across splits."})
     group_aware_split: bool = field(
@@ -66,14 +67,15 @@ class DataArguments:
     cache_shorter_side: int | None = field(
         default=None, metadata={"help": "Shorter side of cached images in pixels (>= the model input size); "
                                         "defaults to input size x 256/224."})
-    cache_image_format: str = field(default="jpeg", metadata={"help": "jpeg (quality 95, faster to decode) or png (lossless)."})
+    cache_image_format: str = field(
+        default="jpeg", metadata={"help": "jpeg (quality 95, faster to decode) or png (lossless)."})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes that build the cache (datasets' num_proc)."})
 
 
 @dataclass
 class RunArguments:
-    """What bonevision adds around `Trainer`: precision policy, loss weighting, early stopping, resuming."""
+    """Arguments bonevision adds around `Trainer`: precision policy, loss weighting, early stopping, resuming."""
 
     precision: str = field(
         default="auto", metadata={"help": "auto, bf16, fp16 or fp32. auto: bf16 where the device supports it "

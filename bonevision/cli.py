@@ -98,7 +98,8 @@ def run_evaluate(args: argparse.Namespace) -> Path | None:
     from bonevision.tasks import load_task_dataset
 
     if (args.output_dir / "metrics.json").exists():
-        raise FileExistsError(f"{args.output_dir} already holds an evaluation; choose another --output-dir")
+        raise FileExistsError(
+            f"{args.output_dir} already contains an evaluation (metrics.json); choose another --output-dir")
     model, image_processor, task = load_model_folder(args.model_dir)
     dataset = load_task_dataset(task, args.data_dir, validation_fraction=args.validation_fraction,
                                 validation_labels_csv=args.validation_labels_csv, seed=args.seed)

@@ -33,7 +33,7 @@ DEMO_RECIPE = {
 
 
 def demo_data_dir() -> Path:
-    """The bundled fracture radiographs (see their README.md for source and licence)."""
+    """Return the folder of the bundled fracture radiographs (its README.md gives source and licence)."""
     return Path(str(resources.files("bonevision") / "demo_data" / DEMO_DATA))
 
 

@@ -75,7 +75,7 @@ def predict(model, image_processor, task: Task, dataset: datasets.Dataset, args:
 
 
 def prediction_arguments(args: TrainingArguments) -> TrainingArguments:
-    """A copy of the run's arguments for prediction only: no evaluation loop, checkpoints or trackers."""
+    """Copy the run's arguments for prediction only: no evaluation loop, checkpoints or trackers."""
     args = copy.copy(args)
     args.eval_strategy = IntervalStrategy.NO
     args.save_strategy = SaveStrategy.NO
@@ -99,7 +99,7 @@ def heldout_metrics(task: Task, predictions: Predictions, *, n_bootstrap: int = 
 
 
 def write_predictions_csv(path: Path, task: Task, predictions: Predictions, id2label: dict[int, str]) -> Path:
-    """One row per image: id, truth, prediction and its probability or months."""
+    """Write one row per image: id, truth, prediction and its probability or months."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         if task.is_regression:
@@ -121,7 +121,7 @@ def write_predictions_csv(path: Path, task: Task, predictions: Predictions, id2l
 
 
 def predicted_classes(task: Task, probabilities: np.ndarray) -> np.ndarray:
-    """The decision rule of the metrics: P(fractured) >= 0.5 for fracture, the most probable class otherwise."""
+    """Apply the decision rule of the metrics: P(fractured) >= 0.5 for fracture, the most probable class otherwise."""
     if task.name == "fracture":
         return binary_predictions(probabilities, positive_label=FRACTURE_POSITIVE_LABEL)
     return probabilities.argmax(axis=1)

@@ -107,7 +107,7 @@ def build_image_processor(backbone: Backbone, *, image_size: int | None = None):
 
 
 def timm_pretrained_cfg(backbone: Backbone, image_size: int) -> dict[str, Any]:
-    """The `pretrained_cfg` stored in a TimmWrapper config: timm's description of the expected input."""
+    """Build the `pretrained_cfg` stored in a TimmWrapper config: timm's description of the expected input."""
     return {
         "architecture": backbone.timm_architecture,
         "input_size": [3, image_size, image_size],
@@ -125,8 +125,8 @@ def build_model(backbone: Backbone, *, num_labels: int, id2label: dict[int, str]
     """Build an image-classification model for `backbone` with a fresh head of `num_labels` outputs.
 
     With `from_scratch`, the architecture is built from its config with random weights (no network). Otherwise the
-    pretrained weights are loaded from `checkpoint` (default: the registry's Hub id; a local folder in the same
-    format works too) and the classification head is replaced.
+    pretrained weights are loaded from `checkpoint` and the classification head is replaced. `checkpoint` defaults
+    to the registry's Hub id, and a local folder in the same format works too.
     """
     label2id = {label: index for index, label in id2label.items()}
     common = dict(num_labels=num_labels, id2label=id2label, label2id=label2id, problem_type=problem_type,

@@ -20,7 +20,7 @@ EVALUATION_SUBDIR = "evaluation"
 
 
 def heldout_split(outcome_dataset, task) -> str:
-    """The split for the final report: a labelled test split when there is one, else validation."""
+    """Choose the split for the final report: a labelled test split when there is one, else validation."""
     if "test" in outcome_dataset and has_labels(task, outcome_dataset["test"]):
         return "test"
     return "validation"
@@ -76,7 +76,7 @@ def train_and_evaluate(model_args: ModelArguments, data_args: DataArguments, run
 
 
 def deduplicated_rows(audit, rows):
-    """The rows of an evaluation split that have no exact or near copy in the training split."""
+    """Select the rows of an evaluation split that have no exact or near copy in the training split."""
     from bonevision.audit import deduplicated_mask
 
     keep = deduplicated_mask(audit, "validation")
@@ -149,7 +149,7 @@ def write_run_config(output_dir: Path, model_args: ModelArguments, data_args: Da
 
 
 def _plain(value):
-    """A JSON-friendly form of an argument value (enums by their value)."""
+    """Convert an argument value to a JSON-friendly form (enums by their value)."""
     return getattr(value, "value", value)
 
 

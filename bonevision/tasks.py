@@ -70,7 +70,7 @@ def label_names(task: Task, dataset: datasets.Dataset) -> list[str]:
 
 
 def raw_targets(task: Task, dataset: datasets.Dataset) -> np.ndarray:
-    """The ground truth of every row, without decoding images: class ids, or bone age in months."""
+    """Return the ground truth of every row without decoding images: class ids, or bone age in months."""
     if task.name == "fracture":
         return np.asarray(dataset["label"], dtype=np.int64)
     months = np.asarray(dataset["bone_age_months"], dtype=np.float64)
@@ -85,6 +85,6 @@ def bone_age_bins(months: np.ndarray) -> np.ndarray:
 
 
 def has_labels(task: Task, dataset: datasets.Dataset) -> bool:
-    """Whether a split carries ground truth (the RSNA test split does not)."""
+    """Check whether a split has ground truth (the RSNA test split has none)."""
     column = "label" if task.name == "fracture" else "bone_age_months"
     return len(dataset) > 0 and all(value is not None for value in dataset[column])

@@ -35,7 +35,7 @@ MODEL_SUBDIR = "model"
 
 @dataclass
 class TrainingOutcome:
-    """What a finished training run leaves behind for evaluation."""
+    """The outputs of a finished training run that evaluation needs."""
 
     model_dir: Path
     task: Task
@@ -56,8 +56,10 @@ def resolve_precision(requested: str, training_args: TrainingArguments) -> str:
     else:
         bf16_supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-    if requested == "auto":
-        choice = "bf16" if bf16_supported else ("fp16" if on_cuda else "fp32")
+    if requested == "auto" and bf16_supported:
+        choice = "bf16"
+    elif requested == "auto":
+        choice = "fp16" if on_cuda else "fp32"
     elif requested == "fp16" and not on_cuda:
         choice = "bf16" if bf16_supported else "fp32"
         logger.warning("fp16 mixed precision needs a CUDA device; using %s on this CPU instead", choice)
@@ -83,18 +85,18 @@ def check_output_dir(output_dir: Path, resume: bool) -> str | None:
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if resume:
         if last_checkpoint is None:
-            raise FileNotFoundError(f"--resume was given but {output_dir} holds no checkpoint-* folder")
+            raise FileNotFoundError(f"--resume was given but no checkpoint-* folder was found in {output_dir}; train without --resume")
         logger.info("Resuming from %s", Path(last_checkpoint).name)
         return last_checkpoint
     if last_checkpoint is not None or (output_dir / MODEL_SUBDIR).exists():
         raise FileExistsError(
-            f"{output_dir} already holds a training run; pass --resume to continue it or choose another --output_dir"
+            f"{output_dir} already contains a training run; pass --resume to continue it or choose another --output_dir"
         )
     return None
 
 
 def build_compute_metrics(task: Task, target_mean: float, target_std: float):
-    """The `compute_metrics` used for model selection during training (point estimates, no bootstrap)."""
+    """Build the `compute_metrics` used for model selection during training (point estimates, no bootstrap)."""
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = np.asarray(prediction.predictions, dtype=np.float64)
@@ -112,7 +114,7 @@ def build_compute_metrics(task: Task, target_mean: float, target_std: float):
 
 
 def class_weighted_loss(weights: torch.Tensor):
-    """A `compute_loss_func` for `Trainer`: cross-entropy weighted by inverse class frequency."""
+    """Build a `compute_loss_func` for `Trainer`: cross-entropy weighted by the given class weights."""
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
@@ -150,7 +152,10 @@ def _keep_in_inference_mode(module: torch.nn.Module, inputs) -> None:
 
 
 def select_rows(dataset: datasets.Dataset, limit: int | None, seed: int = 42) -> datasets.Dataset:
-    """A seeded random subset of `limit` rows (splits are sorted by class, so the first rows would be one class)."""
+    """Select a seeded random subset of `limit` rows.
+
+    Splits are sorted by class, so the first `limit` rows would often all be one class.
+    """
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit)).flatten_indices()
@@ -206,8 +211,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
                         from_scratch=model_args.from_scratch, image_size=model_args.image_size,
                         checkpoint=model_args.checkpoint, extra_config=extra_config)
     if resume_checkpoint is not None:
-        # Load the weights through from_pretrained, which maps saved ViT key names onto the current modules;
-        # the Trainer's own resume still restores the optimizer, scheduler and step.
+        # from_pretrained maps the saved ViT key names onto the current modules. The Trainer's own resume then
+        # restores the optimizer, scheduler and step.
         model = type(model).from_pretrained(resume_checkpoint)
     if model_args.linear_probe:
         freeze_all_but_head(model)
@@ -298,7 +303,7 @@ def run_leakage_audit(dataset: datasets.DatasetDict, data_args: DataArguments,
 
 
 def preprocessing_shorter_side(data_args: DataArguments, input_size: int) -> int:
-    """The shorter side (pixels) images are resized to before augmentation: cached or not, the same pixels."""
+    """Return the shorter side in pixels that images are resized to before augmentation, cached or not."""
     shorter_side = data_args.cache_shorter_side or default_shorter_side(input_size)
     if shorter_side < input_size:
         raise ValueError(f"cache_shorter_side {shorter_side} is smaller than the model input size {input_size}; "

@@ -64,7 +64,7 @@ def test_timm_from_scratch_uses_timm_initialisation():
 
 @pytest.mark.parametrize("name", ["vit-tiny-test", "resnet-tiny-test"])
 def test_pretrained_from_local_folder_replaces_head(name, tmp_path, caplog):
-    # A local folder in the Hub checkpoint's format stands in for downloaded weights.
+    # A local folder in the Hub checkpoint's format replaces downloaded weights.
     pretrained = tiny_model(name, num_labels=5, id2label={i: f"class {i}" for i in range(5)})
     pretrained.save_pretrained(tmp_path)
 

@@ -36,7 +36,8 @@ def test_train_preset_shape_and_equal_channels():
     assert pixels.shape == (3, 64, 64)
     assert torch.equal(pixels[0], pixels[1])
     assert torch.equal(pixels[1], pixels[2])
-    assert -1.0 <= pixels.min().item() and pixels.max().item() <= 1.0
+    assert pixels.min().item() >= -1.0
+    assert pixels.max().item() <= 1.0
 
 
 def test_train_preset_is_seeded():

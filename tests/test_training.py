@@ -90,7 +90,7 @@ def test_bone_age_train_evaluate_reload(backbone, bone_age_sample_dir, dataset_c
     truth = np.array([float(row["bone_age_months"]) for row in rows])
     assert np.mean(np.abs(predicted - truth)) == pytest.approx(metrics["mae"], abs=0.01)
 
-    # The saved model answers in months: the pipeline's score for an image equals the evaluation's prediction.
+    # The saved model outputs months: the pipeline's score for an image equals the evaluation's prediction.
     classifier = pipeline("image-classification", model=str(run_dir / "model"))
     image = decode_radiograph(bone_age_sample_dir / "boneage-training-dataset" / f"{rows[0]['image_id']}.png")
     output = classifier(image)[0]
@@ -189,7 +189,7 @@ def test_evaluate_command_on_saved_model(fracture_sample_dir, dataset_cache, tmp
     assert metrics["num_samples"] == 99  # the whole validation split, 2 truncated files skipped by the builder
     assert (output_dir / "report.md").is_file()
 
-    with pytest.raises(FileExistsError, match="already holds an evaluation"):
+    with pytest.raises(FileExistsError, match="already contains an evaluation"):
         cli_main(argv)
 
 
